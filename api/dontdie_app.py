@@ -1,0 +1,17 @@
+"""The dontdie app: a proxy to the Don't Die health platform (SPEC §5)."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.context import AppContext
+from core.settings import Settings, get_settings
+
+ROUTERS: list = []
+
+
+def build_dontdie_app(settings: Settings | None = None, ctx: AppContext | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    ctx = ctx or AppContext.from_settings("dontdie", settings)
+    return create_app(ctx, title="dontdie", routers=ROUTERS,
+                      description="Proxy to the Don't Die health platform API.")

@@ -1,0 +1,13 @@
+"""Serve entry point for the epistemic app; replicas and autoscaling live in serve_config.yaml."""
+from ray import serve
+
+from api.epistemic_app import build_epistemic_app
+
+
+@serve.deployment
+@serve.ingress(build_epistemic_app)
+class EpistemicAPI:
+    """The app is built on each replica, so connections are never pickled."""
+
+
+deployment = EpistemicAPI.bind()
