@@ -19,7 +19,7 @@ class BackgroundServer:
         self.host = host
         self.port = port or free_port()
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                loop="asyncio", lifespan="on")
+                                loop="asyncio", lifespan="on", timeout_graceful_shutdown=1)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
