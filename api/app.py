@@ -62,7 +62,7 @@ def _health_router(ctx: AppContext) -> APIRouter:
 
 def create_app(ctx: AppContext, *, title: str, description: str,
                routers: Iterable[APIRouter], body_limits: dict[str, int] | None = None,
-               metrics=None) -> FastAPI:
+               metrics=None, behind_serve: bool = False) -> FastAPI:
     configure_logging(ctx.settings.log_level)
 
     @asynccontextmanager
@@ -90,5 +90,5 @@ def create_app(ctx: AppContext, *, title: str, description: str,
         return default_limit
 
     app.add_middleware(RequestContextMiddleware, app_name=ctx.name, body_limit=body_limit,
-                       metrics=metrics)
+                       metrics=metrics, echo_request_id=not behind_serve)
     return app

@@ -21,8 +21,10 @@ class _BodyTooLarge(Exception):
 class RequestContextMiddleware:
     """Sets X-Request-ID, enforces body limits, adds rate-limit headers, logs one line."""
 
-    def __init__(self, app, *, app_name: str, body_limit, metrics=None):
+    def __init__(self, app, *, app_name: str, body_limit, metrics=None, echo_request_id: bool = True):
         self.app = app
+        # Behind the Serve proxy, the proxy itself echoes X-Request-ID on every response.
+        self.echo_request_id = echo_request_id
         self.app_name = app_name
         self.body_limit = body_limit  # callable(path) -> max bytes
         self.metrics = metrics
@@ -63,7 +65,7 @@ class RequestContextMiddleware:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                extra = [(b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())] if self.echo_request_id else []
                 rate = scope["state"].get("rate_limit")
                 if rate:
                     extra += [(b"x-ratelimit-limit", str(rate[0]).encode()),

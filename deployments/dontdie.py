@@ -5,7 +5,7 @@ from api.dontdie_app import build_dontdie_app
 
 
 @serve.deployment
-@serve.ingress(build_dontdie_app)
+@serve.ingress(lambda: build_dontdie_app(behind_serve=True))
 class DontDieAPI:
     """The app is built on each replica, so connections are never pickled."""
 

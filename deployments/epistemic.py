@@ -5,7 +5,7 @@ from api.epistemic_app import build_epistemic_app
 
 
 @serve.deployment
-@serve.ingress(build_epistemic_app)
+@serve.ingress(lambda: build_epistemic_app(behind_serve=True))
 class EpistemicAPI:
     """The app is built on each replica, so connections are never pickled."""
 

@@ -5,7 +5,7 @@ from api.profile_app import build_profile_app
 
 
 @serve.deployment
-@serve.ingress(build_profile_app)
+@serve.ingress(lambda: build_profile_app(behind_serve=True))
 class ProfileAPI:
     """The app is built on each replica, so connections are never pickled."""
 
