@@ -1,0 +1,82 @@
+"""The seven-bucket onboarding checklist (SPEC §4.4)."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.errors import ValidationFailed
+from storage.models import ChecklistItem
+from storage.types import utcnow
+
+BUCKETS: dict[str, str] = {
+    "health_device": "Health Device",
+    "dd_score": "Don't Die Score",
+    "measurements": "Measurements",
+    "capabilities": "Capabilities",
+    "biomarkers": "Biomarkers",
+    "demographics": "Demographics",
+    "protocols": "Protocols",
+}
+STATUSES = ("pending", "in_progress", "completed", "skipped")
+
+
+def validate_bucket(bucket_code: str) -> str:
+    if bucket_code not in BUCKETS:
+        raise ValidationFailed(f"Unknown bucket_code {bucket_code!r}",
+                               details=[{"loc": ["bucket_code"], "msg": f"must be one of {list(BUCKETS)}"}])
+    return bucket_code
+
+
+def _insert(session: AsyncSession):
+    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+
+
+async def ensure_items(session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Create any missing items as pending; safe under concurrency (unique key, do nothing)."""
+    now = utcnow()
+    rows = [dict(id=uuid.uuid4(), user_id=user_id, bucket_code=code, status="pending",
+                 updated_at=now) for code in BUCKETS]
+    stmt = _insert(session)(ChecklistItem).values(rows)
+    await session.execute(stmt.on_conflict_do_nothing(index_elements=["user_id", "bucket_code"]))
+
+
+async def mark_item(session: AsyncSession, user_id: uuid.UUID, bucket_code: str, status: str,
+                    *, source: str | None = None, data_ref: dict[str, Any] | None = None) -> ChecklistItem:
+    """Upsert by (user_id, bucket_code): concurrent calls never create duplicates."""
+    validate_bucket(bucket_code)
+    if status not in STATUSES:
+        raise ValidationFailed(f"Unknown status {status!r}",
+                               details=[{"loc": ["status"], "msg": f"must be one of {list(STATUSES)}"}])
+    values = dict(id=uuid.uuid4(), user_id=user_id, bucket_code=bucket_code, status=status,
+                  source=source, data_ref=data_ref, updated_at=utcnow())
+    stmt = _insert(session)(ChecklistItem).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["user_id", "bucket_code"],
+        set_={"status": stmt.excluded.status, "source": stmt.excluded.source,
+              "data_ref": stmt.excluded.data_ref, "updated_at": stmt.excluded.updated_at})
+    await session.execute(stmt)
+    return await session.scalar(
+        select(ChecklistItem).where(ChecklistItem.user_id == user_id,
+                                    ChecklistItem.bucket_code == bucket_code)
+        .execution_options(populate_existing=True))
+
+
+async def items_in_order(session: AsyncSession, user_id: uuid.UUID) -> list[ChecklistItem]:
+    rows = {item.bucket_code: item for item in await session.scalars(
+        select(ChecklistItem).where(ChecklistItem.user_id == user_id)
+        .execution_options(populate_existing=True))}
+    return [rows[code] for code in BUCKETS if code in rows]
+
+
+def progress(items: list[ChecklistItem]) -> dict[str, Any]:
+    completed = [i.bucket_code for i in items if i.status == "completed"]
+    total = len(BUCKETS)
+    return {"completed": len(completed), "total": total,
+            "percent": round(100 * len(completed) / total),
+            "completed_buckets": completed,
+            "missing_buckets": [code for code in BUCKETS if code not in completed]}
