@@ -5,7 +5,6 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -13,41 +12,27 @@ from core.errors import NotFound
 from core.principal import Principal
 from services.users import get_user
 from storage.models import Belief, BeliefSystem, SelfModel
+from storage.types import utcnow
+from storage.upsert import insert_ignore
 
 DEFAULT_SYSTEM = "default"
 
 
-async def _insert_or_get(session: AsyncSession, obj, lookup):
-    """Insert `obj`; when a concurrent writer won the unique key, return theirs instead."""
-    existing = await session.scalar(lookup)
-    if existing is not None:
-        return existing
-    session.add(obj)
-    try:
-        async with session.begin_nested():
-            await session.flush()
-    except IntegrityError:
-        session.expunge(obj)
-        existing = await session.scalar(lookup)
-        if existing is None:
-            raise
-        return existing
-    return obj
-
-
 async def ensure_self_model(session: AsyncSession, user_id: uuid.UUID) -> SelfModel:
     await get_user(session, user_id)
-    model = await _insert_or_get(session, SelfModel(user_id=user_id),
-                                 select(SelfModel).where(SelfModel.user_id == user_id))
+    await insert_ignore(session, SelfModel, {"id": uuid.uuid4(), "user_id": user_id,
+                                             "created_at": utcnow()}, ["user_id"])
+    model = await session.scalar(select(SelfModel).where(SelfModel.user_id == user_id))
     await ensure_belief_system(session, model.id, DEFAULT_SYSTEM)
     return model
 
 
 async def ensure_belief_system(session: AsyncSession, self_model_id: uuid.UUID, name: str) -> BeliefSystem:
-    return await _insert_or_get(
-        session, BeliefSystem(self_model_id=self_model_id, name=name),
-        select(BeliefSystem).where(BeliefSystem.self_model_id == self_model_id,
-                                   BeliefSystem.name == name))
+    await insert_ignore(session, BeliefSystem,
+                        {"id": uuid.uuid4(), "self_model_id": self_model_id, "name": name},
+                        ["self_model_id", "name"])
+    return await session.scalar(select(BeliefSystem).where(
+        BeliefSystem.self_model_id == self_model_id, BeliefSystem.name == name))
 
 
 async def load_self_model_tree(session: AsyncSession, user_id: uuid.UUID) -> SelfModel:

@@ -5,12 +5,11 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.users import get_user
 from storage.models import Measurement
+from storage.upsert import upsert
 
 async def upsert_measurement(session: AsyncSession, *, user_id: uuid.UUID, type: str, value: float,
                              unit: str, captured_at: datetime, source: str | None) -> Measurement:
@@ -18,12 +17,8 @@ async def upsert_measurement(session: AsyncSession, *, user_id: uuid.UUID, type:
     await get_user(session, user_id)
     values = dict(id=uuid.uuid4(), user_id=user_id, type=type, value=value, unit=unit,
                   captured_at=captured_at, source=source or "")
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(Measurement).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["user_id", "type", "captured_at", "source"],
-        set_={"value": stmt.excluded.value, "unit": stmt.excluded.unit})
-    await session.execute(stmt)
+    await upsert(session, Measurement, values, ["user_id", "type", "captured_at", "source"],
+                 ["value", "unit"])
     row = await session.scalar(
         select(Measurement).where(Measurement.user_id == user_id, Measurement.type == type,
                                   Measurement.captured_at == captured_at,
