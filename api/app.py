@@ -14,6 +14,7 @@ from api.errors import install_error_handlers
 from api.mcp import mount_mcp
 from api.middleware import RequestContextMiddleware
 from core.logging import configure_logging
+from core.metrics import metrics as project_metrics
 from core.request_context import request_id_var
 
 READY_TIMEOUT_SECONDS = 3.0
@@ -90,5 +91,5 @@ def create_app(ctx: AppContext, *, title: str, description: str,
         return default_limit
 
     app.add_middleware(RequestContextMiddleware, app_name=ctx.name, body_limit=body_limit,
-                       metrics=metrics, echo_request_id=not behind_serve)
+                       metrics=metrics or project_metrics(), echo_request_id=not behind_serve)
     return app

@@ -35,7 +35,8 @@ def load_serve_config(http_port: int, overrides: dict[str, dict[str, Any]] | Non
 
 
 def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashboard: bool = True,
-                    object_store_mb: int = 200, env: dict[str, str] | None = None) -> None:
+                    object_store_mb: int = 200, env: dict[str, str] | None = None,
+                    metrics_port: int | None = None) -> None:
     """A single-node cluster on loopback. Workers inherit this process's environment."""
     import ray
 
@@ -48,7 +49,7 @@ def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashbo
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=include_dashboard,
              dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              object_store_memory=object_store_mb * 1024 * 1024, namespace="serve",
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port)
 
 
 def deploy(config: dict, timeout: float = 180.0) -> None:

@@ -108,7 +108,7 @@ def run() -> int:
 
         _say("Starting Ray and the Serve apps (this takes a little while)...")
         cluster.start_local_ray(gcs_port=settings.ray_gcs_port, dashboard_port=settings.ray_dashboard_port,
-                                env=env)
+                                env=env, metrics_port=settings.ray_metrics_port)
         stack.callback(_shutdown_ray)
         cluster.deploy(cluster.load_serve_config(settings.http_port))
 
@@ -118,6 +118,7 @@ def run() -> int:
         for app in ("profile", "dontdie", "epistemic"):
             _say(f"  {app:10s} API {base}/{app}   docs {base}/{app}/docs   MCP {base}/{app}/mcp")
         _say(f"  Ray dashboard  http://127.0.0.1:{settings.ray_dashboard_port}")
+        _say(f"  Metrics        http://127.0.0.1:{settings.ray_metrics_port}/metrics (Prometheus)")
         _say(f"  Database       {settings.resolved_database_url()}")
         _say(f"  Redis          {settings.redis_url}")
         for line in sandboxes:

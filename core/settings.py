@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     ray_address: str = ""
     ray_gcs_port: int = 6390
     ray_dashboard_port: int = 8265
+    ray_metrics_port: int = 8090
 
     object_store: str = "local"  # local | s3
     object_store_dir: Path | None = None

@@ -30,12 +30,13 @@ async def serve_cluster(redis_url, tmp_path_factory):
            "SMA_DATA_DIR": str(data_dir), "SMA_RATE_LIMIT_PER_MINUTE": "100000"}
     env.update(_sandbox_env(stack := ExitStack()))
     saved = {k: os.environ.get(k) for k in env}
-    http_port = free_port()
+    http_port, metrics_port = free_port(), free_port()
     cluster.start_local_ray(gcs_port=None, dashboard_port=free_port(), include_dashboard=False,
-                            object_store_mb=100, env=env)
+                            object_store_mb=100, env=env, metrics_port=metrics_port)
     try:
         cluster.deploy(cluster.load_serve_config(http_port, REPLICAS))
         yield {"base_url": f"http://127.0.0.1:{http_port}", "db": Database(database.url),
+               "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
                "database": database, "env": env}
     finally:
         import ray
