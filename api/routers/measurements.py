@@ -4,13 +4,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, BackgroundTasks
 from pydantic import Field
 
-from api.deps import CurrentPrincipal, Session
+from api.deps import CurrentPrincipal, Ctx, Session
 from api.envelope import Envelope, Page
 from api.schemas_common import Limit, Model, Name, Offset, Request, UTCDatetime
-from services import measurements
+from services import measurements, trends
 
 router = APIRouter(tags=["measurements"])
 
@@ -37,11 +37,16 @@ class MeasurementIn(Request):
 @router.post("/upsertMeasurement", operation_id="upsertMeasurement",
              response_model=Envelope[MeasurementOut],
              summary="Record a measurement; a repeat of (user, type, captured_at, source) updates it")
-async def upsert_measurement(body: MeasurementIn, session: Session, principal: CurrentPrincipal):
+async def upsert_measurement(body: MeasurementIn, session: Session, principal: CurrentPrincipal,
+                             ctx: Ctx, after_commit: BackgroundTasks):
     principal.ensure_user(body.user_id)
     row = await measurements.upsert_measurement(
         session, user_id=body.user_id, type=body.type, value=body.value, unit=body.unit,
         captured_at=body.captured_at, source=body.source)
+    # Cached trends of this metric go stale now, and again after the commit (background tasks
+    # run after the transaction), so a read racing the commit cannot cache old data.
+    await trends.invalidate(ctx.redis, body.user_id, row.type)
+    after_commit.add_task(trends.invalidate_quietly, ctx.redis, body.user_id, row.type)
     return Envelope(data=MeasurementOut.model_validate(row))
 
 
