@@ -22,7 +22,7 @@ from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt,
                       wait_exponential_jitter)
 
 from core.errors import (AppError, DependencyUnavailable, NotFound, UpstreamClientError,
-                         UpstreamError, UpstreamTimeout)
+                         UpstreamError, UpstreamTimeout, ValidationFailed)
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,21 @@ def _upstream_message(response: httpx.Response) -> str:
     return text[:300] if text else f"Don't Die API answered HTTP {response.status_code}"
 
 
+def _check_header_safe(name: str, value: str) -> None:
+    """The token and client id travel as HTTP headers: non-ASCII or control characters
+    cannot be sent (httpx would raise), so they are the caller's mistake (422)."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValidationFailed(f"{name} must be printable ASCII",
+                               details=[{"loc": [name], "msg": "must be printable ASCII"}])
+
+
 class DontDieClient:
     def __init__(self, base_url: str, token: str, client_id: str, *, timeout: float = 10.0,
                  retries: int = 2, concurrency: int = 8, redis: Any = None,
                  http: httpx.AsyncClient | None = None, cache_prefix: str = "dd",
                  backoff_seconds: float = 0.2, backoff_max_seconds: float = 2.0):
+        _check_header_safe("dd_token", token)
+        _check_header_safe("dd_client_id", client_id)
         self._base_url = base_url.rstrip("/")
         self._token = token
         self._client_id = client_id

@@ -1,0 +1,1 @@
+"""Ray actors: the simulator pool and the Don't Die sync hosts."""
