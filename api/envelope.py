@@ -51,8 +51,10 @@ def error_body(code: str, message: str, request_id: str, details: Any = None) ->
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": text}
     for status, text in {
+        400: "Malformed request (e.g. a body that is not UTF-8)",
         401: "Missing or invalid bearer token", 403: "Not allowed for this token",
-        404: "Unknown resource", 409: "State conflict", 422: "Validation error",
+        404: "Unknown resource", 409: "State conflict", 413: "Request body too large",
+        422: "Validation error",
         429: "Rate limited", 503: "A dependency is unavailable",
     }.items()
 }

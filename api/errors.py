@@ -62,6 +62,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_error(_: Request, exc: DBAPIError):
         if exc.connection_invalidated:
             return error_response(503, "database_unavailable", "The database is unavailable")
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+        if sqlstate.startswith("22"):
+            # A PostgreSQL "data exception": input the database cannot hold (U+0000, overflow).
+            return error_response(422, "validation_error", "The input cannot be stored as given")
         log.exception("database error")
         return error_response(500, "internal_error", "Internal error")
 

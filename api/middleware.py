@@ -7,15 +7,23 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from core.request_context import principal_kind_var, request_id_var
 from api.envelope import error_body
 
 log = logging.getLogger("sma.access")
+log_errors = logging.getLogger("sma.errors")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` once a (chunked) body passes the limit. An HTTPException so that
+    FastAPI's body parsing lets it through (it turns any other error into a 400), and the
+    app's HTTP error handler answers it with the 413 envelope."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413, detail=f"Request body exceeds {limit} bytes")
 
 
 class RequestContextMiddleware:
@@ -59,12 +67,13 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(limit)
             return message
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
+                status_holder["started"] = True
                 extra = [(b"x-request-id", request_id.encode())] if self.echo_request_id else []
                 rate = scope["state"].get("rate_limit")
                 if rate:
@@ -77,17 +86,30 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, limited_receive, send_with_headers)
         except _BodyTooLarge:
+            if status_holder.get("started"):
+                raise
             await self._reject_too_large(send, request_id, limit)
             status_holder["status"] = 413
+        except Exception:
+            # Answer unexpected errors here, while the request id is still bound: past this
+            # middleware Starlette's error handler would send the 500 without the id.
+            if status_holder.get("started"):
+                raise
+            log_errors.exception("unhandled error")
+            await self._send_error(send, request_id, 500, "internal_error", "Internal error")
+            status_holder["status"] = 500
         finally:
             self._log(scope, status_holder["status"], started)
             request_id_var.reset(rid_token)
             principal_kind_var.reset(kind_token)
 
     async def _reject_too_large(self, send, request_id: str, limit: int) -> None:
-        body = json.dumps(error_body("payload_too_large", f"Request body exceeds {limit} bytes",
-                                     request_id)).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await self._send_error(send, request_id, 413, "payload_too_large",
+                               f"Request body exceeds {limit} bytes")
+
+    async def _send_error(self, send, request_id: str, status: int, code: str, message: str) -> None:
+        body = json.dumps(error_body(code, message, request_id)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"x-request-id", request_id.encode())]})

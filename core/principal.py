@@ -41,7 +41,7 @@ class Principal:
     def require(self, *kinds: TokenKind) -> None:
         if self.kind not in kinds:
             names = " or ".join(k.value for k in kinds)
-            raise Forbidden(f"This route needs a {names} token")
+            raise Forbidden(f"This route needs a token of kind {names}")
 
     def default_user(self, user_id: uuid.UUID | None) -> uuid.UUID:
         """A user token may omit its own user id; others must name one."""

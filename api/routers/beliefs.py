@@ -90,7 +90,8 @@ async def upsert_belief_system(body: BeliefSystemIn, session: Session, principal
 
 
 @router.post("/upsertBelief", operation_id="upsertBelief", response_model=Envelope[BeliefOut],
-             summary="Update a belief by id, or create one in a belief system")
+             responses={201: {"model": Envelope[BeliefOut], "description": "Created"}},
+             summary="Update a belief by id (200), or create one in a belief system (201)")
 async def upsert_belief(body: BeliefIn, response: Response, session: Session, principal: CurrentPrincipal):
     data = beliefs.BeliefInput(statement=body.statement, confidence=body.confidence,
                                belief_type=body.belief_type, context_uuid=body.context_uuid)

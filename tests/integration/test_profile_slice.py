@@ -221,3 +221,11 @@ async def test_measurements_are_private(alice, bob, service):
     error(await bob.client.get("/listMeasurements", params={"user_id": str(alice.user_id)}), 403)
     assert (await service.client.post("/upsertMeasurement", json=body)).status_code == 200
     error(await service.client.post("/upsertMeasurement", json={**body, "user_id": str(uuid.uuid4())}), 404)
+
+
+async def test_nul_characters_are_422_on_every_database(alice):
+    body = {"user_id": str(alice.user_id), "type": "a\x00b", "value": 1, "unit": "kg",
+            "captured_at": "2026-01-01T00:00:00Z"}
+    error(await alice.client.post("/upsertMeasurement", json=body), 422)
+    listed = await alice.client.get("/listMeasurements", params={"user_id": str(alice.user_id), "type": "x\x00"})
+    assert listed.status_code in (200, 422), listed.text
