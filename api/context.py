@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from redis.asyncio import Redis
 
 from core.settings import Settings
 from storage.db import Database
 from storage.redis import make_redis
+
+if TYPE_CHECKING:
+    from storage.objects import ObjectStore
 
 ReadinessCheck = Callable[["AppContext"], Awaitable[Any]]
 
@@ -26,6 +29,15 @@ class AppContext:
     def from_settings(cls, name: str, settings: Settings) -> "AppContext":
         return cls(name=name, settings=settings, db=Database(settings.resolved_database_url()),
                    redis=make_redis(settings.redis_url))
+
+    @property
+    def objects(self) -> "ObjectStore":
+        """The object store for user files, created on first use and closed with the context."""
+        store = self.extras.get("objects")
+        if store is None:
+            from storage.objects import object_store_from_settings
+            store = self.extras["objects"] = object_store_from_settings(self.settings)
+        return store
 
     async def aclose(self) -> None:
         for extra in self.extras.values():
