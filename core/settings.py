@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     llm_user_model: str = "gpt-4o-mini"
     llm_judge_model: str = "gpt-4o-mini"
     llm_timeout_seconds: float = 60.0
+    llm_prompt_price_per_1k: float = 0.0  # USD; 0 = unknown, cost not reported
+    llm_completion_price_per_1k: float = 0.0
 
     sim_min_actors: int = 1
     sim_max_actors: int = 4
@@ -70,6 +72,9 @@ class Settings(BaseSettings):
     sim_max_attempts: int = 3
     sim_heartbeat_seconds: int = 15
     sim_backoff_base_seconds: float = 2.0
+    sim_actor_num_cpus: float = 0.25
+    sim_scale_down_seconds: float = 60.0
+    sim_reconcile_seconds: float = 30.0
 
     sandbox: bool = False
     log_level: str = "INFO"

@@ -14,10 +14,17 @@ from sandbox.server import free_port
 from storage.db import Database
 from tests.support.actors import make_token, make_user
 from tests.support.databases import TestDatabase
+from tests.support.dd import CREDENTIAL_KEY
 
 # Two replicas per app so that MCP and HTTP calls cross replicas.
 REPLICAS = {"ProfileAPI": {"num_replicas": 2}, "DontDieAPI": {"num_replicas": 2},
             "EpistemicAPI": {"num_replicas": 2}}
+# Quick heartbeats, backoff and scale-down so the simulation tests stay short.
+SIMULATION_ENV = {"SMA_SIM_HEARTBEAT_SECONDS": "3", "SMA_SIM_BACKOFF_BASE_SECONDS": "0.5",
+                  "SMA_SIM_MIN_ACTORS": "1", "SMA_SIM_MAX_ACTORS": "3", "SMA_SIM_JOBS_PER_ACTOR": "2",
+                  "SMA_SIM_SCALE_DOWN_SECONDS": "3", "SMA_SIM_ACTOR_NUM_CPUS": "0.1",
+                  "SMA_LLM_COACH_MODEL": "sandbox-coach", "SMA_LLM_USER_MODEL": "sandbox-user",
+                  "SMA_LLM_JUDGE_MODEL": "sandbox-judge", "SMA_LLM_TIMEOUT_SECONDS": "20"}
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +34,10 @@ async def serve_cluster(redis_url, tmp_path_factory):
     await database.create()
     data_dir = tmp_path_factory.mktemp("e2e-data")
     env = {"SMA_DATABASE_URL": database.url, "SMA_REDIS_URL": redis_url,
-           "SMA_DATA_DIR": str(data_dir), "SMA_RATE_LIMIT_PER_MINUTE": "100000"}
+           "SMA_DATA_DIR": str(data_dir), "SMA_RATE_LIMIT_PER_MINUTE": "100000",
+           "SMA_CREDENTIAL_KEY": os.environ.get("SMA_CREDENTIAL_KEY") or CREDENTIAL_KEY}
     env.update(_sandbox_env(stack := ExitStack()))
+    env.update(SIMULATION_ENV)
     saved = {k: os.environ.get(k) for k in env}
     http_port, metrics_port = free_port(), free_port()
     cluster.start_local_ray(gcs_port=None, dashboard_port=free_port(), include_dashboard=False,
@@ -66,6 +75,12 @@ def _sandbox_env(stack: ExitStack) -> dict[str, str]:
         key = str(uuid.uuid4())
         env["SMA_EPISTEMIC_BASE_URL"] = stack.enter_context(BackgroundServer(epistemic_app(api_keys=[key]))).url
         env["SMA_EPISTEMIC_API_KEY"] = key
+    except ImportError:
+        pass
+    try:
+        from sandbox.llm import create_app as llm_app
+        env["SMA_LLM_BASE_URL"] = stack.enter_context(BackgroundServer(llm_app())).url + "/v1"
+        env["SMA_LLM_API_KEY"] = "sandbox-key"
     except ImportError:
         pass
     return env
