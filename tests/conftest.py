@@ -106,3 +106,9 @@ async def anonymous(profile_app):
     client = asgi_client(profile_app)
     yield client
     await client.aclose()
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end tests run last: their Ray cluster (and its simulator pool, which consumes the
+    shared Redis queue) lives until the session ends, so nothing may run after it."""
+    items.sort(key=lambda item: "/tests/e2e/" in str(item.path).replace("\\", "/"))
