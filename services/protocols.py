@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.errors import Conflict, NotFound
 from services import checklist, trends
 from services.users import get_user
-from storage.models import (Belief, BeliefSystem, DDCredential, Measurement, ProtocolTemplate,
+from storage.models import (Belief, BeliefSystem, Measurement, ProtocolTemplate,
                             SelfModel)
 from storage.types import utcnow
 
@@ -747,10 +747,3 @@ async def generate(session: AsyncSession, user_id: uuid.UUID, template_id: uuid.
     return {"template_id": template.id, "user_id": user_id, **result}
 
 
-async def require_dontdie_link(session: AsyncSession, user_id: uuid.UUID) -> DDCredential:
-    """Pushing a protocol needs the user's own linked Don't Die account (no operator fallback)."""
-    credential = await session.scalar(select(DDCredential).where(DDCredential.user_id == user_id))
-    if credential is None:
-        raise Conflict("This user has no linked Don't Die account; link one with POST /dd-data/link "
-                       "before pushing a protocol", code="dontdie_not_linked")
-    return credential

@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, status
 from pydantic import Field, StringConstraints
 
-from api.deps import AdminPrincipal, CurrentPrincipal, Session
+from api.dd_context import dd_runtime
+from api.deps import AdminPrincipal, Ctx, CurrentPrincipal, Session
 from api.envelope import Envelope, Page
 from api.schemas_common import Limit, Model, Name, Offset, Request, Statement
-from core.errors import DependencyUnavailable
-from services import protocols
+from services import dd_push, protocols
 
 router = APIRouter(tags=["protocols"])
 
@@ -130,7 +130,8 @@ async def create_protocol_template(body: CreateTemplateIn, session: Session, _: 
              response_model=Envelope[GeneratedProtocolOut],
              summary="Personalise a template from the user's measurements, beliefs, checklist "
                      "gaps and preferences (deterministic)")
-async def generate_protocol(body: GenerateProtocolIn, session: Session, principal: CurrentPrincipal):
+async def generate_protocol(body: GenerateProtocolIn, session: Session, ctx: Ctx,
+                            principal: CurrentPrincipal):
     principal.ensure_user(body.user_id)
     prefs = body.preferences or PreferencesIn()
     generated = await protocols.generate(
@@ -138,9 +139,7 @@ async def generate_protocol(body: GenerateProtocolIn, session: Session, principa
         protocols.Preferences(time_of_day=prefs.time_of_day, intensity=prefs.intensity,
                               minutes_per_day=prefs.minutes_per_day))
     if body.push_to_dontdie:
-        # Completed by the Don't Die work: services.dd_push creates the protocol (and its
-        # sections) upstream with the user's linked account and sets `dontdie_protocol_id`.
-        await protocols.require_dontdie_link(session, body.user_id)
-        raise DependencyUnavailable("Pushing protocols to Don't Die is not available yet",
-                                    code="dontdie_push_unavailable")
+        pushed = await dd_push.push_protocol(session, dd_runtime(ctx), body.user_id,
+                                             generated["protocol"]["dd_protocol"])
+        generated["dontdie_protocol_id"] = str(pushed["protocol_id"])
     return Envelope(data=GeneratedProtocolOut(**generated))

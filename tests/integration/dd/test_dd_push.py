@@ -50,3 +50,25 @@ async def test_push_maps_upstream_failures(alice, link, profile_ctx, sandbox_con
     assert caught.value.status_code == 502
     # a POST is never retried: one attempt, no duplicate protocol
     assert len(sandbox_control.requests("POST /user-health")) == 1
+
+
+async def test_generate_protocol_pushes_to_the_linked_account(alice, bob, link, profile_app, dd_client):
+    templates = (await alice.client.get("/listProtocolTemplates", params={"habit_type": "sleep"})).json()
+    template_id = templates["data"]["items"][0]["id"]
+    body = {"user_id": str(alice.user_id), "template_id": template_id, "push_to_dontdie": True}
+    unlinked = await alice.client.post("/generateProtocol", json=body)
+    assert unlinked.status_code == 409 and unlinked.json()["error"]["code"] == "dontdie_not_linked"
+
+    await link(alice)
+    pushed = await alice.client.post("/generateProtocol", json=body)
+    assert pushed.status_code == 200, pushed.text
+    data = pushed.json()["data"]
+    assert data["dontdie_protocol_id"]
+    upstream = await dd_client(alice).get("/getUserProtocols")
+    ours = next(p for p in upstream.json()["data"] if p["id"] == data["dontdie_protocol_id"])
+    assert ours["name"] == data["protocol"]["dd_protocol"]["name"] and ours["status"] == "Draft"
+
+    without_push = await alice.client.post("/generateProtocol", json={**body, "push_to_dontdie": False})
+    assert without_push.json()["data"]["dontdie_protocol_id"] is None
+    foreign = await bob.client.post("/generateProtocol", json=body)
+    assert foreign.status_code == 403
