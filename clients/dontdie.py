@@ -23,6 +23,7 @@ from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt,
 
 from core.errors import (AppError, DependencyUnavailable, NotFound, UpstreamClientError,
                          UpstreamError, UpstreamTimeout, ValidationFailed)
+from core.metrics import upstream_call
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,12 @@ class DontDieClient:
 
     async def _request(self, method: str, path: str, *, params: dict | None = None,
                        json_body: Any = None, attempts: int) -> Any:
+        async with upstream_call("dontdie"):
+            return await self._perform(method, path, params=params, json_body=json_body,
+                                       attempts=attempts)
+
+    async def _perform(self, method: str, path: str, *, params: dict | None,
+                       json_body: Any, attempts: int) -> Any:
         url = self._base_url + path
 
         async def attempt() -> httpx.Response:

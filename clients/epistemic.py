@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 from core.errors import (AppError, DependencyUnavailable, NotFound, UpstreamError,
                          UpstreamTimeout, ValidationFailed)
+from core.metrics import upstream_call
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +450,11 @@ class EpistemicClient:
 
     async def _call(self, method: str, request: Wire, response_model: type[R], *,
                     idempotent: bool = False) -> R:
+        async with upstream_call("epistemic_me"):
+            return await self._perform_call(method, request, response_model, idempotent=idempotent)
+
+    async def _perform_call(self, method: str, request: Wire, response_model: type[R], *,
+                            idempotent: bool) -> R:
         if not self.base_url:
             raise DependencyUnavailable(
                 f"Epistemic Me is not configured: set {BASE_URL_SETTING}")

@@ -5,6 +5,8 @@ Names are prefixed `sma_`; Ray's exporter adds `ray_` in front.
 """
 from __future__ import annotations
 
+import time
+from contextlib import asynccontextmanager
 from functools import lru_cache
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -62,3 +64,26 @@ class Metrics:
 @lru_cache
 def metrics() -> Metrics:
     return Metrics()
+
+
+def _outcome(exc: BaseException) -> str:
+    from core import errors
+    for kind, name in ((errors.UpstreamTimeout, "timeout"), (errors.DependencyUnavailable, "unavailable"),
+                       (errors.UpstreamClientError, "client_error"), (errors.ValidationFailed, "client_error"),
+                       (errors.NotFound, "client_error")):
+        if isinstance(exc, kind):
+            return name
+    return "error"
+
+
+@asynccontextmanager
+async def upstream_call(upstream: str):
+    """Counts one call to an upstream by outcome and records its duration."""
+    started, outcome = time.perf_counter(), "ok"
+    try:
+        yield
+    except BaseException as exc:
+        outcome = _outcome(exc)
+        raise
+    finally:
+        metrics().observe_upstream(upstream, outcome, (time.perf_counter() - started) * 1000)

@@ -37,3 +37,17 @@ async def test_http_metrics_are_exported(serve_cluster, e2e_user):
                         'status="200"')
     await _scrape_until(url, "ray_sma_http_requests_total", 'route="/getUser"', 'status="422"')
     await _scrape_until(url, "ray_sma_http_request_duration_ms_bucket", 'route="/getUser"')
+
+
+async def test_upstream_calls_are_counted_by_outcome(serve_cluster, e2e_user):
+    headers = {"X-DD-Token": "sandbox-metrics", "X-DD-Client-Id": "metrics"}
+    ok = await e2e_user["client"].get("/dontdie/getAccount", headers=headers)
+    assert ok.status_code == 200, ok.text
+    rejected = await e2e_user["client"].get("/dontdie/getAccount",
+                                            headers={**headers, "X-DD-Token": "not-a-sandbox-token"})
+    assert rejected.status_code == 401
+    url = serve_cluster["metrics_url"]
+    await _scrape_until(url, "ray_sma_upstream_calls_total", 'upstream="dontdie"', 'outcome="ok"')
+    await _scrape_until(url, "ray_sma_upstream_calls_total", 'upstream="dontdie"',
+                        'outcome="client_error"')
+    await _scrape_until(url, "ray_sma_upstream_duration_ms_bucket", 'upstream="dontdie"')
