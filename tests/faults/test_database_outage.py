@@ -8,7 +8,6 @@ that cannot be opened."""
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 from sqlalchemy import func, select
