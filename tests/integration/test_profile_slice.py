@@ -7,6 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.support.envelope import data, error
+
 BAD_ID = "not-a-uuid"
 
 
@@ -16,21 +18,8 @@ def utc(text: str) -> datetime:
     return parsed
 
 
-def data(response):
-    assert response.headers["content-type"].startswith("application/json"), response.text
-    body = response.json()
-    assert body["status"] == "ok", body
-    return body["data"]
 
 
-def error(response, status: int, code: str | None = None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["status"] == "error"
-    assert body["request_id"]
-    if code:
-        assert body["error"]["code"] == code
-    return body["error"]
 
 
 # --- users -----------------------------------------------------------------------------------

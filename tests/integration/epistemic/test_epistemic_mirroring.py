@@ -9,12 +9,7 @@ from sqlalchemy import func, select
 from clients.epistemic import EpistemicClient
 from services import epistemic_mirror
 from storage.models import Belief, BeliefSystem, Dialectic, DialecticInteraction, SelfModel
-
-
-def data(response):
-    body = response.json()
-    assert response.status_code < 300 and body["status"] == "ok", response.text
-    return body["data"]
+from tests.support.envelope import data
 
 
 def uid(caller) -> str:

@@ -7,25 +7,14 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from tests.support.envelope import data, error
+
 from api.routers.epistemic import EXTRAS_KEY
 from sandbox.server import free_port
 
 
-def data(response):
-    assert response.headers["content-type"].startswith("application/json"), response.text
-    body = response.json()
-    assert body["status"] == "ok", body
-    return body["data"]
 
 
-def error(response, status: int, code: str | None = None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["status"] == "error", body
-    assert body["request_id"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def uid(caller) -> str:

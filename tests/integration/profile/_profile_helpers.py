@@ -3,23 +3,12 @@ from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta, timezone
 
+from tests.support import envelope
+from tests.support.envelope import error  # noqa: F401  (re-exported for the tests here)
+
 
 def data(response, status: int = 200):
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json"), response.text
-    body = response.json()
-    assert body["status"] == "ok", body
-    return body["data"]
-
-
-def error(response, status: int, code: str | None = None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["status"] == "error", body
-    assert body["request_id"]
-    if code:
-        assert body["error"]["code"] == code, body
-    return body["error"]
+    return envelope.data(response, status)
 
 
 def today() -> date:
