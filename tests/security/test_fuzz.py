@@ -120,7 +120,8 @@ async def _start_target(request, label, apps, tokens, profile_ctx, security_sett
     stack = serve(app_name, security_settings)
     url = stack.__enter__()
     request.addfinalizer(lambda: stack.__exit__(None, None, None))
-    spec = requests.get(url + "/openapi.json", timeout=10).json()
+    # Building the schema is CPU-bound; give a loaded CI machine room.
+    spec = requests.get(url + "/openapi.json", timeout=60).json()
     return FuzzTarget(label, app_name, kind, url, spec, token, subject, test_database.backend)
 
 
