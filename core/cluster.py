@@ -42,6 +42,9 @@ def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashbo
 
     for key, value in {**RAY_ENV_DEFAULTS, **(env or {})}.items():
         os.environ[key] = value
+    # HAProxy ingress: 2.3x the built-in proxy's throughput here (bench/README.md); an
+    # operator can still turn it off with RAY_SERVE_ENABLE_HA_PROXY=0.
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     if gcs_port:
         # Ray's own default is Redis's port 6379; ours is configurable (SMA_RAY_GCS_PORT).
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
