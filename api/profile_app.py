@@ -23,6 +23,7 @@ def build_profile_app(settings: Settings | None = None, ctx: AppContext | None =
                       behind_serve: bool = False) -> FastAPI:
     settings = settings or get_settings()
     ctx = ctx or AppContext.from_settings("profile", settings)
+    ctx.readiness.setdefault("object_store", lambda c: c.objects.ping())
     # Uploads may carry a file up to max_upload_bytes (plus multipart framing); every other
     # route keeps the 1 MiB default body limit.
     body_limits = {"/uploadUserFile": ctx.settings.max_upload_bytes

@@ -29,7 +29,7 @@ async def test_health_needs_no_token_and_ready_reports_dependencies(anonymous):
     ready = await anonymous.get("/ready")
     assert ready.status_code == 200
     deps = ready.json()["data"]["dependencies"]
-    assert deps["database"]["ok"] and deps["redis"]["ok"]
+    assert deps["database"]["ok"] and deps["redis"]["ok"] and deps["object_store"]["ok"]
     assert (await anonymous.get("/openapi.json")).status_code == 200
     assert (await anonymous.get("/docs")).status_code == 200
 
