@@ -5,14 +5,13 @@ import uuid
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import ValidationFailed
 from services.users import get_user
 from storage.models import ChecklistItem
 from storage.types import utcnow
+from storage.upsert import insert_ignore, upsert
 
 BUCKETS: dict[str, str] = {
     "health_device": "Health Device",
@@ -40,17 +39,12 @@ def validate_status(status: str) -> str:
     return status
 
 
-def _insert(session: AsyncSession):
-    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-
-
 async def ensure_items(session: AsyncSession, user_id: uuid.UUID) -> None:
     """Create any missing items as pending; safe under concurrency (unique key, do nothing)."""
     now = utcnow()
     rows = [dict(id=uuid.uuid4(), user_id=user_id, bucket_code=code, status="pending",
                  updated_at=now) for code in BUCKETS]
-    stmt = _insert(session)(ChecklistItem).values(rows)
-    await session.execute(stmt.on_conflict_do_nothing(index_elements=["user_id", "bucket_code"]))
+    await insert_ignore(session, ChecklistItem, rows, ["user_id", "bucket_code"])
 
 
 async def mark_item(session: AsyncSession, user_id: uuid.UUID, bucket_code: str, status: str,
@@ -62,12 +56,8 @@ async def mark_item(session: AsyncSession, user_id: uuid.UUID, bucket_code: str,
     await get_user(session, user_id)
     values = dict(id=uuid.uuid4(), user_id=user_id, bucket_code=bucket_code, status=status,
                   source=source, data_ref=data_ref, updated_at=utcnow())
-    stmt = _insert(session)(ChecklistItem).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["user_id", "bucket_code"],
-        set_={"status": stmt.excluded.status, "source": stmt.excluded.source,
-              "data_ref": stmt.excluded.data_ref, "updated_at": stmt.excluded.updated_at})
-    await session.execute(stmt)
+    await upsert(session, ChecklistItem, values, ["user_id", "bucket_code"],
+                 ["status", "source", "data_ref", "updated_at"])
     return await session.scalar(
         select(ChecklistItem).where(ChecklistItem.user_id == user_id,
                                     ChecklistItem.bucket_code == bucket_code)

@@ -25,8 +25,6 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.errors import (AppError, Conflict, DependencyUnavailable, NotFound, UpstreamError,
@@ -37,6 +35,7 @@ from services.dd_runtime import DDRuntime
 from services.users import get_user
 from storage.models import DDCredential, DDSyncLog, DDUserData
 from storage.types import utcnow
+from storage.upsert import insert_ignore
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +143,10 @@ def _has_data(column: str, doc: Any) -> bool:
     return bool(doc.get("items"))
 
 
-def _insert(session: AsyncSession):
-    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-
-
 async def _ensure_row(session: AsyncSession, user_id: uuid.UUID, dontdie_uid: str) -> DDUserData:
-    stmt = _insert(session)(DDUserData).values(id=uuid.uuid4(), user_id=user_id,
-                                               dontdie_uid=dontdie_uid, sync_status="not_synced")
-    await session.execute(stmt.on_conflict_do_nothing(index_elements=["user_id"]))
+    await insert_ignore(session, DDUserData, {"id": uuid.uuid4(), "user_id": user_id,
+                                              "dontdie_uid": dontdie_uid, "sync_status": "not_synced"},
+                        ["user_id"])
     return await session.scalar(select(DDUserData).where(DDUserData.user_id == user_id)
                                 .execution_options(populate_existing=True))
 
