@@ -27,11 +27,11 @@ def dd_sync(ctx: AppContext) -> DDSync:
     return facade
 
 
-def _runtime_dep(ctx: Annotated[AppContext, Depends(get_ctx)]) -> DDRuntime:
+async def _runtime_dep(ctx: Annotated[AppContext, Depends(get_ctx)]) -> DDRuntime:
     return dd_runtime(ctx)
 
 
-def _sync_dep(ctx: Annotated[AppContext, Depends(get_ctx)]) -> DDSync:
+async def _sync_dep(ctx: Annotated[AppContext, Depends(get_ctx)]) -> DDSync:
     return dd_sync(ctx)
 
 

@@ -15,7 +15,9 @@ from core.request_context import principal_kind_var
 from services import tokens
 
 
-def get_ctx(request: Request) -> AppContext:
+# Dependencies are `async def` even when they do no I/O: FastAPI runs a plain `def`
+# dependency in a worker thread, a thread hop per request on every route.
+async def get_ctx(request: Request) -> AppContext:
     return request.app.state.ctx
 
 

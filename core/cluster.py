@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from core.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 
@@ -42,9 +44,15 @@ def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashbo
 
     for key, value in {**RAY_ENV_DEFAULTS, **(env or {})}.items():
         os.environ[key] = value
-    # HAProxy ingress: 2.3x the built-in proxy's throughput here (bench/README.md); an
-    # operator can still turn it off with RAY_SERVE_ENABLE_HA_PROXY=0.
+    # Ray's high-throughput mode: HAProxy ingress (2.3x the built-in proxy's throughput here,
+    # bench/README.md) and user code on the replica's own event loop. An operator can turn
+    # either off by setting the variable to 0.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101): a second
+    # local cluster (tests beside `sma run`) could not start its ingress.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
     if gcs_port:
         # Ray's own default is Redis's port 6379; ours is configurable (SMA_RAY_GCS_PORT).
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)

@@ -1,17 +1,14 @@
 """Run an ASGI app with uvicorn on a loopback port in a background thread."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import uvicorn
 
+from core.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["BackgroundServer", "free_port"]
 
 
 class BackgroundServer:

@@ -44,7 +44,7 @@ def epistemic_client(ctx: AppContext) -> em.EpistemicClient:
     return client
 
 
-def _client(ctx: Ctx) -> em.EpistemicClient:
+async def _client(ctx: Ctx) -> em.EpistemicClient:
     return epistemic_client(ctx)
 
 
