@@ -20,6 +20,18 @@ from storage.types import utcnow
 
 TOKEN_PREFIX = "sma_"
 MAX_CACHE_SECONDS = 24 * 3600
+# How long a revoked token's hash stays marked in Redis: longer than any request can take
+# between reading the token row and caching it.
+REVOKED_MARK_SECONDS = 600
+
+# Cache a resolved token unless it was revoked meanwhile, in one atomic step: a request that
+# read the row just before a revocation committed must not put the token back in the cache.
+_CACHE_UNLESS_REVOKED = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+return false
+"""
 
 
 def hash_token(token: str) -> str:
@@ -28,6 +40,10 @@ def hash_token(token: str) -> str:
 
 def cache_key(token_hash: str) -> str:
     return f"sma:auth:{token_hash}"
+
+
+def revoked_key(token_hash: str) -> str:
+    return f"sma:auth-revoked:{token_hash}"
 
 
 @dataclass
@@ -70,8 +86,14 @@ async def revoke_token(session: AsyncSession, redis: Redis | None, token_id: uui
 
 
 async def evict(redis: Redis | None, token_hashes: list[str]) -> None:
-    if redis is not None and token_hashes:
-        await redis.delete(*(cache_key(h) for h in token_hashes))
+    """Drop revoked tokens from the cache and mark them, so that no request re-caches them."""
+    if redis is None or not token_hashes:
+        return
+    pipe = redis.pipeline(transaction=True)
+    for token_hash in token_hashes:
+        pipe.set(revoked_key(token_hash), "1", ex=REVOKED_MARK_SECONDS)
+    pipe.delete(*(cache_key(h) for h in token_hashes))
+    await pipe.execute()
 
 
 def _principal_from(record: ApiToken) -> Principal:
@@ -111,7 +133,8 @@ async def resolve(session_factory, redis: Redis, token: str, *,
                    "user_id": str(record.user_id) if record.user_id else None,
                    "expires_at": record.expires_at.isoformat() if record.expires_at else None}
         try:
-            await redis.set(key, json.dumps(payload), ex=ttl)
+            await redis.eval(_CACHE_UNLESS_REVOKED, 2, key, revoked_key(token_hash),
+                             json.dumps(payload), ttl)
         except REDIS_ERRORS:
             pass
     return _principal_from(record)

@@ -4,13 +4,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
 
 from api.profile_app import build_profile_app
+from core.errors import Unauthorized
 from core.principal import TokenKind
+from services import tokens
 from services.tokens import cache_key, hash_token
 from storage.models import ApiToken
 from storage.types import utcnow
@@ -56,6 +59,26 @@ async def test_revocation_takes_effect_at_once_even_when_cached(admin, service, 
     assert revoked.status_code == 200 and revoked.json()["data"]["revoked_at"]
     assert not await redis.exists(cache_key(hash_token(service.token)))
     err(await service.client.get("/listUsers"), 401)
+
+
+async def test_a_token_revoked_while_a_request_resolves_it_is_not_cached_again(profile_ctx, redis):
+    """The race: a request reads the still-valid row, the revocation commits and evicts, then
+    the request caches what it read. The cache must not bring the revoked token back."""
+    db = profile_ctx.db
+    token, token_id = await make_token(db, TokenKind.user, await make_user(db))
+
+    @asynccontextmanager
+    async def revoked_right_after_the_read():
+        async with db.sessions() as session:
+            yield session
+        async with db.transaction() as other:
+            await tokens.revoke_token(other, redis, token_id)
+
+    principal = await tokens.resolve(revoked_right_after_the_read, redis, token)
+    assert principal.token_id == token_id  # valid when it was read
+    assert not await redis.exists(cache_key(hash_token(token)))
+    with pytest.raises(Unauthorized):
+        await tokens.resolve(db.sessions, redis, token)
 
 
 async def test_expired_token_is_401(profile_ctx, profile_app):
