@@ -44,11 +44,13 @@ def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashbo
 
     for key, value in {**RAY_ENV_DEFAULTS, **(env or {})}.items():
         os.environ[key] = value
-    # Ray's high-throughput mode: HAProxy ingress (2.3x the built-in proxy's throughput here,
-    # bench/README.md) and user code on the replica's own event loop. An operator can turn
-    # either off by setting the variable to 0.
+    # HAProxy ingress and user code on the replica's own event loop (no thread hop per
+    # request): together 2-3x the defaults' throughput here (bench/README.md). Not the whole
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED bundle: it also moves a driver's handle router onto the
+    # caller's event loop, where it outlives ray.shutdown() and hangs re-connecting.
+    # An operator can turn either off by setting the variable.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101): a second
     # local cluster (tests beside `sma run`) could not start its ingress.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
