@@ -51,10 +51,12 @@ def start_local_ray(*, gcs_port: int | None, dashboard_port: int, include_dashbo
     # An operator can turn either off by setting the variable.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
-    # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101): a second
-    # local cluster (tests beside `sma run`) could not start its ingress.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+    # HAProxy mode listens on fixed ports besides the HTTP one (stats 8404, metrics 9101, the
+    # fallback proxy 8500/9500): a second local cluster (tests beside `sma run`) could not
+    # start its ingress.
+    for variable in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        os.environ.setdefault(variable, str(free_port()))
     if gcs_port:
         # Ray's own default is Redis's port 6379; ours is configurable (SMA_RAY_GCS_PORT).
         os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
