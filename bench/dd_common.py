@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -135,3 +136,39 @@ def _shutdown_ray() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def start_sandbox(stack: ExitStack, factory: str, env: dict[str, str] | None = None) -> str:
+    """Any sandbox app (`module:create_app`) in its own uvicorn process; returns its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=10)))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/_sandbox/faults")
+    return url
+
+
+def fresh_postgres(stack: ExitStack, admin_url: str) -> str:
+    """A new, migrated PostgreSQL database for one run, dropped at the end; its asyncpg URL.
+    `admin_url` is any database on the server (e.g. postgresql://postgres@127.0.0.1:5432/postgres)."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(admin_url).set(drivername="postgresql")
+    name = f"sma_bench_{uuid.uuid4().hex[:12]}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(admin.render_as_string(hide_password=False))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(execute(f'CREATE DATABASE "{name}"'))
+    stack.callback(lambda: asyncio.run(execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+    url = admin.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
+    upgrade_head_sync(url)
+    return url
