@@ -2,8 +2,9 @@
 stopped and started again on the same port and directory under a running profile app.
 
 While it is down every request fails fast with 503 `redis_unavailable` and /ready names redis;
-afterwards the app recovers by itself, and a simulation job queued before the restart is still
-both in Redis and in the database."""
+afterwards the app recovers by itself; a simulation job queued before the restart is still
+both in Redis and in the database, and one a worker had claimed is still held by that worker
+and returns to the queue once when the worker is reaped."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from api.profile_app import build_profile_app
 from core.principal import TokenKind
 from core.settings import Settings
 from storage.models import SimulationJob
-from storage.queue import DEFAULT_PREFIX
+from storage.queue import DEFAULT_PREFIX, ReliableQueue
 from storage.redis import EmbeddedRedis, make_redis
 from tests.faults.conftest import err, timed, wait_for_status
 from tests.support.actors import asgi_client, make_caller, make_user
@@ -58,10 +59,25 @@ async def test_redis_restart_fails_fast_then_recovers_and_keeps_queued_jobs(
     user_id = await make_user(ctx.db)
     try:
         assert (await service.client.get("/listUsers")).status_code == 200
-        queued = await service.client.post("/simulateConversation", json={
-            "user_id": str(user_id), "template": "protocol_discussion", "config": {"max_turns": 2}})
-        assert queued.status_code == 202, queued.text
-        job_id = queued.json()["data"]["job_id"]
+
+        async def queue_job() -> str:
+            queued = await service.client.post("/simulateConversation", json={
+                "user_id": str(user_id), "template": "protocol_discussion", "config": {"max_turns": 2}})
+            assert queued.status_code == 202, queued.text
+            return queued.json()["data"]["job_id"]
+
+        # One job in flight (claimed by a worker) and one still queued when Redis goes down.
+        in_flight_id = await queue_job()
+        worker = ReliableQueue.new_worker_id("restart-test")
+        before = make_redis(own_redis.url)
+        try:
+            queue = ReliableQueue(before)
+            await queue.register(worker)
+            claimed = await queue.claim(worker, timeout=5)
+            assert claimed is not None and claimed.id == in_flight_id
+        finally:
+            await before.aclose()
+        job_id = await queue_job()
 
         own_redis.stop()
 
@@ -97,8 +113,23 @@ async def test_redis_restart_fails_fast_then_recovers_and_keeps_queued_jobs(
         assert owned is not None and job_id in owned, owned
         assert sum(job_id in raw for raw in pending) == 1, pending  # nothing consumes it here
         async with ctx.db.transaction() as session:
-            row = await session.get(SimulationJob, uuid.UUID(job_id))
-            assert row is not None and row.user_id == user_id and row.status == "queued"
+            for known in (job_id, in_flight_id):
+                row = await session.get(SimulationJob, uuid.UUID(known))
+                assert row is not None and row.user_id == user_id and row.status == "queued"
+
+        # The in-flight job is still held by its worker; when that worker is reaped (as when
+        # its heartbeat runs out) the job goes back to the queue exactly once.
+        after = make_redis(own_redis.url)
+        try:
+            queue = ReliableQueue(after)
+            assert [json.loads(raw)["id"] for raw in await queue.held(worker)] == [in_flight_id]
+            assert not any(in_flight_id in raw for raw in await after.lrange(DEFAULT_PREFIX, 0, -1))
+            reaped = await queue.reap_worker(worker, force=True)
+            assert [job["id"] for job in reaped.requeued] == [in_flight_id] and not reaped.dead
+            pending = await after.lrange(DEFAULT_PREFIX, 0, -1)
+            assert sum(in_flight_id in raw for raw in pending) == 1, pending
+        finally:
+            await after.aclose()
 
         # Business as usual afterwards.
         again = await service.client.post("/simulateConversation", json={
